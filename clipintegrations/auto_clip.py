@@ -63,9 +63,6 @@ class AutoClip(Clipper):
         self.percentile = check_float("percentile", percentile, low=0.0, high=100.0, low_open=True)
         self.history_size = None if history_size is None else check_int("history_size", history_size, minimum=1)
 
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "percentile": self.percentile, "history_size": self.history_size}
-
     def _init_state(self, num_units: int, device: torch.device) -> None:
         if self.history_size is None:
             self.history: FullHistory | WindowHistory = FullHistory(num_units, device)

@@ -34,9 +34,9 @@ def build_clipper(config: Mapping[str, Any] | str) -> Clipper:
     Example::
 
         >>> build_clipper({"method": "autoclip", "percentile": 10, "granularity": "layer"})
-        AutoClip(granularity='layer', nonfinite='zero', percentile=10.0, history_size=None)
+        AutoClip(percentile=10.0, history_size=None, granularity='layer', nonfinite='zero')
         >>> build_clipper("zclip")
-        ZClip(granularity='global', nonfinite='zero', alpha=0.97, z_thresh=2.5, warmup_steps=25)
+        ZClip(alpha=0.97, z_thresh=2.5, warmup_steps=25, granularity='global', nonfinite='zero')
     """
     if isinstance(config, str):
         config = {"method": config}

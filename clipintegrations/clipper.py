@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any, ClassVar, NamedTuple
 
@@ -66,8 +67,9 @@ class Clipper:
         pass
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments, as ``build_clipper`` takes them."""
-        return {"method": self.method, "granularity": self.granularity, "nonfinite": self.nonfinite}
+        """The constructor arguments, as ``build_clipper`` takes them (each is kept as an attribute)."""
+        names = [name for name in inspect.signature(type(self).__init__).parameters if name != "self"]
+        return {"method": self.method, **{name: getattr(self, name) for name in names}}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")

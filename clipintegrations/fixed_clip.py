@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -36,9 +34,6 @@ class FixedClip(Clipper):
     def __init__(self, max_norm: float, granularity: str = "global", nonfinite: str = "zero") -> None:
         super().__init__(granularity, nonfinite)
         self.max_norm = check_float("max_norm", max_norm, low=0.0, low_open=True)
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "max_norm": self.max_norm}
 
     def _thresholds(self, norms: Tensor, valid: Tensor) -> Tensor:
         return torch.full_like(norms, self.max_norm)

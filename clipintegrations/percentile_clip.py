@@ -59,15 +59,6 @@ class PercentileClip(Clipper):
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.factor = check_float("factor", factor, low=0.0, low_open=True)
 
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(),
-            "percentile": self.percentile,
-            "window": self.window,
-            "warmup_steps": self.warmup_steps,
-            "factor": self.factor,
-        }
-
     def _init_state(self, num_units: int, device: torch.device) -> None:
         self.history = WindowHistory(num_units, device, self.window)
 

@@ -70,9 +70,6 @@ class ZClip(Clipper):
         self.z_thresh = check_float("z_thresh", z_thresh, low=0.0, low_open=True)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
 
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "alpha": self.alpha, "z_thresh": self.z_thresh, "warmup_steps": self.warmup_steps}
-
     def _init_state(self, num_units: int, device: torch.device) -> None:
         zeros = torch.zeros(num_units, dtype=torch.float32, device=device)
         self.stats = {

@@ -291,3 +291,23 @@ def test_manual_optimization_gives_each_optimizer_its_own_clipper(tmp_path):
     assert ids == [{id(p) for p in m.parameters()} for m in (trainer_model.net[:2], trainer_model.net[2:])]
     # each clipped every step of its own optimizer (Lightning counts both optimizers' steps in max_steps)
     assert first.history.counts.tolist() == second.history.counts.tolist() == [trainer_model.trainer.global_step // 2]
+
+
+def test_the_hook_and_its_logging_never_sync_with_the_host(tmp_path, monkeypatch):
+    """Inside the hook, every way a tensor reaches the host raises; Lightning converts only when a logger writes."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync inside on_before_optimizer_step")
+
+    class Watched(AdaptiveGradientClipping):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            with monkeypatch.context() as patch:
+                for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+                    patch.setattr(torch.Tensor, name, refuse)
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    clipping = Watched(AutoClip(percentile=10, granularity="layer"))
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, clipping, logger=logger, log_every_n_steps=3).fit(Regression(8))
+    assert clipping._steps == 8
+    assert "clip/clip_rate" in (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()

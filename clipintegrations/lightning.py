@@ -9,11 +9,11 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 
+from clipintegrations.build import build_clipper
 from clipintegrations.clipper import Clipper, ClipStats
 
 try:
@@ -27,7 +27,7 @@ try:
         ModelParallelStrategy,
         SingleDeviceStrategy,
     )
-except ImportError as error:  # pragma: no cover - exercised by the missing-dependency test
+except ImportError as error:  # pragma: no cover - Lightning is installed wherever the tests run
     raise ImportError(
         "clipintegrations.lightning needs Lightning: pip install 'clipintegrations[lightning]'"
     ) from error
@@ -113,7 +113,7 @@ class AdaptiveGradientClipping(Callback):
                     "granularity='layer' needs the whole module, but with several optimizers each clips only its "
                     "own parameters: use granularity='global' or 'parameter'"
                 )
-            self._clippers = [self.clipper] + [copy.deepcopy(self.clipper) for _ in optimizers[1:]]
+            self._add_clippers(len(optimizers))  # a resumed run already has them, with their state
         if isinstance(trainer.strategy, FSDPStrategy):
             self._process_group = _fsdp1_shard_group(trainer, self.clipper)
 
@@ -145,6 +145,11 @@ class AdaptiveGradientClipping(Callback):
         for name, value in values.items():
             pl_module.log(f"clip/{name}{suffix}", value, on_step=True, on_epoch=False, batch_size=1)
 
+    def _add_clippers(self, count: int) -> None:
+        """Fresh clippers configured as ``clipper``, one per optimizer, up to ``count``."""
+        while len(self._clippers) < count:
+            self._clippers.append(build_clipper(self.clipper.config()))
+
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -155,8 +160,7 @@ class AdaptiveGradientClipping(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("clippers", [])
-        while len(self._clippers) < len(saved):
-            self._clippers.append(copy.deepcopy(self.clipper))
+        self._add_clippers(len(saved))
         for clipper, state in zip(self._clippers, saved):
             clipper.load_state_dict(state)
         self._clipped = torch.tensor(state_dict.get("clipped", 0.0))

@@ -262,35 +262,50 @@ def test_refuses_something_that_is_not_a_clipper():
         AdaptiveGradientClipping({"method": "autoclip"})
 
 
+class TwoOptimizers(Regression):
+    """Manual optimization with one optimizer for the first layer and one for the rest."""
+
+    def __init__(self):
+        super().__init__(8)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[:2].parameters(), lr=0.01), torch.optim.SGD(self.net[2:].parameters(), lr=0.01)
+
+
 def test_manual_optimization_gives_each_optimizer_its_own_clipper(tmp_path):
-    class TwoOptimizers(Regression):
-        def __init__(self):
-            super().__init__(8)
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = torch.nn.functional.mse_loss(self.net(x), y)
-            for optimizer in self.optimizers():
-                optimizer.zero_grad()
-            self.manual_backward(loss)
-            for optimizer in self.optimizers():
-                optimizer.step()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.net[:2].parameters(), lr=0.01), torch.optim.SGD(
-                self.net[2:].parameters(), lr=0.01
-            )
-
     clipping = AdaptiveGradientClipping(AutoClip(percentile=50))
-    trainer_model = TwoOptimizers()
-    trainer(tmp_path, clipping, max_steps=3).fit(trainer_model)
+    model = TwoOptimizers()
+    trainer(tmp_path, clipping, max_steps=3).fit(model)
     first, second = clipping._clippers
     assert first is not second and len(first.unit_names) == 1
     ids = [{id(p) for p in c._layout.params} for c in (first, second)]
-    assert ids == [{id(p) for p in m.parameters()} for m in (trainer_model.net[:2], trainer_model.net[2:])]
+    assert ids == [{id(p) for p in m.parameters()} for m in (model.net[:2], model.net[2:])]
     # each clipped every step of its own optimizer (Lightning counts both optimizers' steps in max_steps)
-    assert first.history.counts.tolist() == second.history.counts.tolist() == [trainer_model.trainer.global_step // 2]
+    assert first.history.counts.tolist() == second.history.counts.tolist() == [model.trainer.global_step // 2]
+
+
+def test_resume_restores_every_optimizers_clipper(tmp_path):
+    first_run = AdaptiveGradientClipping(AutoClip(percentile=50))
+    trainer(tmp_path / "a", first_run, enable_checkpointing=True).fit(TwoOptimizers())
+    (checkpoint,) = (tmp_path / "a").rglob("*.ckpt")
+    saved = [c.state_dict()["state"]["values"] for c in first_run._clippers]
+    assert not torch.equal(saved[0], saved[1])  # the two optimizers' histories differ
+    resumed = AdaptiveGradientClipping(AutoClip(percentile=50))
+    trainer(tmp_path / "b", resumed, max_epochs=2).fit(TwoOptimizers(), ckpt_path=checkpoint)
+    for clipper, own, other in zip(resumed._clippers, saved, saved[::-1]):
+        history = clipper.state_dict()["state"]["values"]
+        assert history.shape[1] == 2 * own.shape[1]  # epoch 1 restored, epoch 2 added
+        assert torch.isin(own, history).all() and not torch.isin(other, history).all()
 
 
 def test_the_hook_and_its_logging_never_sync_with_the_host(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ Example::
     ['clipped', 'norm', 'threshold']
 """
 
+from clipintegrations.arguments import ClippingArguments
 from clipintegrations.auto_clip import AutoClip
 from clipintegrations.build import METHODS, build_clipper
 from clipintegrations.clipper import Clipper, ClipStats
@@ -18,5 +19,15 @@ from clipintegrations.fixed_clip import FixedClip
 from clipintegrations.percentile_clip import PercentileClip
 from clipintegrations.z_clip import ZClip
 
-__all__ = ["METHODS", "AutoClip", "ClipStats", "Clipper", "FixedClip", "PercentileClip", "ZClip", "build_clipper"]
+__all__ = [
+    "METHODS",
+    "AutoClip",
+    "ClipStats",
+    "Clipper",
+    "ClippingArguments",
+    "FixedClip",
+    "PercentileClip",
+    "ZClip",
+    "build_clipper",
+]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ import torch
 
 from clipintegrations.build import build_clipper
 from clipintegrations.clipper import Clipper, ClipStats
+from clipintegrations.norms import fsdp1_shard_group
 
 try:
     import lightning.pytorch as pl
@@ -115,7 +116,7 @@ class AdaptiveGradientClipping(Callback):
                 )
             self._add_clippers(len(optimizers))  # a resumed run already has them, with their state
         if isinstance(trainer.strategy, FSDPStrategy):
-            self._process_group = _fsdp1_shard_group(trainer, self.clipper)
+            self._process_group = fsdp1_shard_group(trainer.strategy.model, self.clipper.granularity)
 
     # -- the step ---------------------------------------------------------------------------------
     def on_before_optimizer_step(
@@ -170,18 +171,3 @@ class AdaptiveGradientClipping(Callback):
 def _unwrap(optimizer: Any) -> Any:
     """The torch optimizer inside a LightningOptimizer."""
     return getattr(optimizer, "_optimizer", optimizer)
-
-
-def _fsdp1_shard_group(trainer: pl.Trainer, clipper: Clipper) -> Any:
-    """The group whose squared local norms sum to the true norm under FSDP1 (None when unsharded)."""
-    from torch.distributed.fsdp import ShardingStrategy
-
-    root = trainer.strategy.model
-    if root.sharding_strategy == ShardingStrategy.NO_SHARD:
-        return None
-    if clipper.granularity == "layer" and not getattr(root, "_use_orig_params", False):
-        raise ValueError(
-            "granularity='layer' cannot see layers inside FSDP1's flat parameters: pass "
-            "FSDPStrategy(use_orig_params=True), use ModelParallelStrategy (FSDP2), or granularity='global'"
-        )
-    return root.process_group

@@ -168,3 +168,22 @@ def zero_nonfinite_(grads: Sequence[Tensor]) -> None:
     """Replace NaN and ±Inf by zero in place (after scaling by zero this zeroes the step)."""
     for g in grads:
         torch.nan_to_num_(_local(g), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def fsdp1_shard_group(root: nn.Module, granularity: str) -> dist.ProcessGroup | None:
+    """The group over which FSDP1 (``FullyShardedDataParallel``) shards ``root``'s gradients.
+
+    Its squared local norms sum to the true norm over this group; ``None`` when nothing is
+    sharded (``NO_SHARD``). Per-layer clipping needs ``use_orig_params=True``, since flat
+    parameters hide the layers.
+    """
+    from torch.distributed.fsdp import ShardingStrategy
+
+    if root.sharding_strategy == ShardingStrategy.NO_SHARD:
+        return None
+    if granularity == "layer" and not getattr(root, "_use_orig_params", False):
+        raise ValueError(
+            "granularity='layer' cannot see layers inside FSDP1's flat parameters: wrap with "
+            "use_orig_params=True, use FSDP2 (fully_shard), or granularity='global'"
+        )
+    return root.process_group

@@ -20,6 +20,7 @@ from clipintegrations.arguments import ClippingArguments
 from clipintegrations.build import build_clipper
 from clipintegrations.clipper import Clipper, ClipStats
 from clipintegrations.norms import fsdp1_shard_group
+from clipintegrations.runs import ClipHistory
 
 try:
     from accelerate.state import PartialState
@@ -60,9 +61,12 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
         clipper: the core clipper (``AutoClip``, ``PercentileClip``, ``ZClip``, ``FixedClip``), or
             its config as ``build_clipper`` takes it.
         log: add the statistics to the Trainer's logs (read from the device only when it logs).
+        history: a ``ClipHistory`` that records every step, for a plot (not restored on resume).
     """
 
-    def __init__(self, clipper: Clipper | dict[str, Any] | str, log: bool = True) -> None:
+    def __init__(
+        self, clipper: Clipper | dict[str, Any] | str, log: bool = True, history: ClipHistory | None = None
+    ) -> None:
         if isinstance(clipper, (dict, str)):
             clipper = build_clipper(clipper)
         if not isinstance(clipper, Clipper):
@@ -72,6 +76,7 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
             )
         self.clipper = clipper
         self.log = log
+        self.history = history
         self.last_stats: ClipStats | None = None
         self.checkpoint: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
         self._steps = 0
@@ -82,9 +87,11 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
         self._global_step = 0
 
     @classmethod
-    def from_arguments(cls, arguments: ClippingArguments) -> AdaptiveGradientClippingCallback:
+    def from_arguments(
+        cls, arguments: ClippingArguments, history: ClipHistory | None = None
+    ) -> AdaptiveGradientClippingCallback:
         """The callback that parsed ``ClippingArguments`` describe."""
-        return cls(arguments.build_clipper(), log=arguments.clip_log)
+        return cls(arguments.build_clipper(), log=arguments.clip_log, history=history)
 
     # -- checks and resume ------------------------------------------------------------------------
     def on_train_begin(
@@ -148,6 +155,8 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
         self.last_stats = stats
         self._clipped = self._clipped + stats.clipped.float().mean()
         self._steps += 1
+        if self.history is not None:
+            self.history.record(stats)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         self._global_step = state.global_step

@@ -16,6 +16,7 @@ import torch
 from clipintegrations.build import build_clipper
 from clipintegrations.clipper import Clipper, ClipStats
 from clipintegrations.norms import fsdp1_shard_group
+from clipintegrations.runs import ClipHistory
 
 try:
     import lightning.pytorch as pl
@@ -28,6 +29,7 @@ try:
         ModelParallelStrategy,
         SingleDeviceStrategy,
     )
+    from lightning.pytorch.utilities import rank_zero_warn
 except ImportError as error:  # pragma: no cover - Lightning is installed wherever the tests run
     raise ImportError(
         "clipintegrations.lightning needs Lightning: pip install 'clipintegrations[lightning]'"
@@ -54,9 +56,10 @@ class AdaptiveGradientClipping(Callback):
         clipper: the core clipper (``AutoClip``, ``PercentileClip``, ``ZClip``, ``FixedClip``).
             With several optimizers (manual optimization) each gets its own copy and state.
         log: log the statistics on every step (a host sync happens only when a logger writes).
+        history: a ``ClipHistory`` that records every step, for a plot (not saved in checkpoints).
     """
 
-    def __init__(self, clipper: Clipper, log: bool = True) -> None:
+    def __init__(self, clipper: Clipper, log: bool = True, history: ClipHistory | None = None) -> None:
         if not isinstance(clipper, Clipper):
             raise TypeError(
                 f"`clipper` must be a clipintegrations clipper (AutoClip, PercentileClip, ZClip, FixedClip); "
@@ -64,6 +67,7 @@ class AdaptiveGradientClipping(Callback):
             )
         self.clipper = clipper
         self.log = log
+        self.history = history
         self.last_stats: ClipStats | None = None
         self._clippers: list[Clipper] = [clipper]
         self._process_group: Any = None
@@ -134,6 +138,8 @@ class AdaptiveGradientClipping(Callback):
             self._clipped = self._clipped.to(stats.clipped.device)
         self._clipped = self._clipped + stats.clipped.float().mean()
         self._steps += 1
+        if self.history is not None:
+            self.history.record(stats)
         if self.log:
             self._log(pl_module, stats, suffix="" if len(self._clippers) == 1 else f"_{index}")
 
@@ -152,6 +158,26 @@ class AdaptiveGradientClipping(Callback):
             self._clippers.append(build_clipper(self.clipper.config()))
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse a checkpoint whose clipping state is for another clipper; warn when it has none."""
+        name = type(self).__qualname__
+        saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith(name)]
+        if self.state_key in saved:
+            return
+        mine = {c.state_key for c in trainer.callbacks if isinstance(c, AdaptiveGradientClipping)}
+        others = [key for key in saved if key not in mine]
+        if others:
+            raise ValueError(
+                f"the checkpoint holds clipping state for {others[0]} but this run clips with {self.state_key}: "
+                "configure the checkpoint's clipper to resume it, or resume without the checkpoint's callbacks"
+            )
+        rank_zero_warn(
+            "the checkpoint has no clipping state (saved before AdaptiveGradientClipping was added): "
+            "the clipper starts with an empty history"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "clippers": [c.state_dict() for c in self._clippers],

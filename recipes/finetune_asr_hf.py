@@ -26,7 +26,6 @@ from scipy.io import wavfile
 from scipy.signal import resample_poly
 from transformers import (
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     Wav2Vec2Config,
     Wav2Vec2CTCTokenizer,
@@ -150,16 +149,6 @@ def edit_distance(a: str, b: str) -> int:
     return row[-1]
 
 
-class RecordClipping(TrainerCallback):
-    """Keeps each optimizer step's clip statistics for the run directory."""
-
-    def __init__(self, clipping: AdaptiveGradientClippingCallback, history: ClipHistory) -> None:
-        self.clipping, self.history = clipping, history
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.history.record(self.clipping.last_stats)
-
-
 ARGUMENTS = (SpeechModelArguments, SpeechDataArguments, ClippingArguments, TrainingArguments)
 """What a config file of this recipe holds, in order."""
 
@@ -175,8 +164,8 @@ def main() -> None:
         splits = load_splits(data_args, features.sampling_rate)
     tokenizer = character_tokenizer(splits["train"]["transcript"], Path(training_args.output_dir))
     splits = splits.map(lambda r: {"transcript": r["transcript"].replace(" ", "|")})
-    clipping = AdaptiveGradientClippingCallback.from_arguments(clip_args)
     history = ClipHistory()
+    clipping = AdaptiveGradientClippingCallback.from_arguments(clip_args, history)
     training_args.remove_unused_columns = False  # the collator turns the raw speech and transcript into tensors
     trainer = Trainer(
         model=build_model(model_args, tokenizer),
@@ -185,7 +174,7 @@ def main() -> None:
         eval_dataset=splits["eval"],
         data_collator=CTCCollator(features, tokenizer),
         compute_metrics=character_error_rate(tokenizer),
-        callbacks=[clipping, RecordClipping(clipping, history)],
+        callbacks=[clipping],
     )
     before = evaluate_before_training(trainer)
     trained = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

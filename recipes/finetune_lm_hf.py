@@ -36,7 +36,6 @@ from transformers import (
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -57,16 +56,6 @@ def compute_metrics(task: str):
         return {"accuracy": float(np.mean(predicted.argmax(-1) == labels))}
 
     return None if task == "causal_lm" else metrics
-
-
-class RecordClipping(TrainerCallback):
-    """Keeps each optimizer step's clip statistics for the run directory."""
-
-    def __init__(self, clipping: AdaptiveGradientClippingCallback, history: ClipHistory) -> None:
-        self.clipping, self.history = clipping, history
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.history.record(self.clipping.last_stats)
 
 
 ARGUMENTS = (ModelArguments, DataArguments, ClippingArguments, TrainingArguments)
@@ -97,8 +86,8 @@ def main() -> None:
     else:
         collator = DataCollatorWithPadding(tokenizer)
 
-    clipping = AdaptiveGradientClippingCallback.from_arguments(clip_args)
     history = ClipHistory()
+    clipping = AdaptiveGradientClippingCallback.from_arguments(clip_args, history)
     trainer = Trainer(
         model=build_model(model_args, num_labels),
         args=training_args,
@@ -106,7 +95,7 @@ def main() -> None:
         eval_dataset=data["eval"],
         data_collator=collator,
         compute_metrics=compute_metrics(task),
-        callbacks=[clipping, RecordClipping(clipping, history)],
+        callbacks=[clipping],
     )
     if task == "causal_lm":
         reference = {"eval_loss_before_training": evaluate_before_training(trainer)["eval_loss"]}

@@ -100,16 +100,6 @@ class LanguageModelTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class RecordClipping(L.Callback):
-    """Keeps each optimizer step's clip statistics for the run directory (listed after the clipping callback)."""
-
-    def __init__(self, clipping: AdaptiveGradientClipping, history: ClipHistory) -> None:
-        self.clipping, self.history = clipping, history
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.history.record(self.clipping.last_stats)
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, task: str, device: torch.device) -> dict[str, float]:
     """The eval metric over the whole eval set, on every rank (FSDP2 needs every rank in each forward)."""
@@ -170,8 +160,8 @@ def main() -> None:
 
         # "auto" would give every device of a node to tensor parallelism; FSDP2 shards over data parallelism
         strategy = ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
-    clipping = AdaptiveGradientClipping(clip_args.build_clipper(), log=clip_args.clip_log)
     history = ClipHistory()
+    clipping = AdaptiveGradientClipping(clip_args.build_clipper(), log=clip_args.clip_log, history=history)
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=devices,
@@ -181,7 +171,7 @@ def main() -> None:
         max_epochs=args.num_train_epochs,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.gradient_accumulation_steps,
-        callbacks=[clipping, RecordClipping(clipping, history)],
+        callbacks=[clipping],
         logger=L.pytorch.loggers.TensorBoardLogger(args.output_dir, name="tensorboard"),
         log_every_n_steps=args.logging_steps,
         default_root_dir=args.output_dir,

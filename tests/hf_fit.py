@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -106,6 +107,27 @@ def training_arguments(output_dir: Path, **overrides) -> TrainingArguments:
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **overrides})
 
 
+class Faults(TrainerCallback):
+    """Test faults: NaN gradients on chosen steps, and SIGKILL of this process at a chosen step."""
+
+    def __init__(self, nan_steps: set[int], kill_at_step: int | None) -> None:
+        self.nan_steps, self.kill_at_step, self.step = nan_steps, kill_at_step, 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        next(model.parameters()).register_post_accumulate_grad_hook(self.poison)
+
+    def poison(self, param) -> None:
+        if self.step in self.nan_steps:
+            param.grad.fill_(float("nan"))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step + 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _full(param):
     return param.full_tensor().detach() if hasattr(param, "full_tensor") else param.detach()
 
@@ -124,6 +146,8 @@ def main() -> None:
     parser.add_argument("--restore-callback-states", action="store_true")
     parser.add_argument("--report-to", default="none")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--nan-steps", default="", help="comma-separated optimizer steps with NaN gradients")
+    parser.add_argument("--kill-at-step", type=int, default=None, help="SIGKILL the last rank after this step")
     parser.add_argument("--fsdp", type=int, choices=[0, 1, 2], default=0, help="FSDP version, 0 for none")
     args = parser.parse_args()
 
@@ -145,6 +169,9 @@ def main() -> None:
     )
     trainer = Trainer(model=model(), args=training_args, train_dataset=dataset(), callbacks=[clipping])
     trainer.add_callback(Recorder(trainer, args.out))
+    nan_steps = {int(step) for step in args.nan_steps.split(",") if step}
+    last_rank = training_args.process_index == training_args.world_size - 1
+    trainer.add_callback(Faults(nan_steps, args.kill_at_step if last_rank else None))
     trainer.train(resume_from_checkpoint=args.resume)
 
 

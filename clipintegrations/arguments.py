@@ -71,7 +71,12 @@ class ClippingArguments:
         config = self.clipper_config()
         cls = METHODS.get(config["method"])
         if cls is not None:
-            allowed = list(inspect.signature(cls).parameters)
+            parameters = inspect.signature(cls).parameters
+            missing = [name for name, p in parameters.items() if p.default is p.empty and name not in config]
+            if missing:
+                needed = ", ".join(PREFIX + name for name in missing)
+                raise TypeError(f"clip_method={config['method']!r} needs {needed}")
+            allowed = list(parameters)
             for key, value in config.items():
                 if key != "method" and key not in allowed:
                     raise ValueError(

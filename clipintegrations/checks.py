@@ -41,6 +41,6 @@ def check_float(
     value = float(value)
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
+    if not math.isfinite(value) or below or above:
         raise ValueError(f"`{name}` must be a number in {interval}; got {value!r}")
     return value

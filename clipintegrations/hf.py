@@ -74,6 +74,8 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
                 "`clipper` must be a clipintegrations clipper (AutoClip, PercentileClip, ZClip, FixedClip) or its "
                 f"config; got {type(clipper).__name__}"
             )
+        if not isinstance(log, bool):
+            raise TypeError(f"`log` must be True or False; got {log!r}")
         self.clipper = clipper
         self.log = log
         self.history = history

@@ -65,6 +65,8 @@ class AdaptiveGradientClipping(Callback):
                 f"`clipper` must be a clipintegrations clipper (AutoClip, PercentileClip, ZClip, FixedClip); "
                 f"got {type(clipper).__name__}: use build_clipper(config) to make one from a config"
             )
+        if not isinstance(log, bool):
+            raise TypeError(f"`log` must be True or False; got {log!r}")
         self.clipper = clipper
         self.log = log
         self.history = history

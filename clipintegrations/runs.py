@@ -87,7 +87,7 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)  # a misspelt key must not pass as a prefix
     config_path = None
     if "--config" in argv:
         at = argv.index("--config")

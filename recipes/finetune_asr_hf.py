@@ -47,7 +47,10 @@ class SpeechModelArguments:
     freeze_feature_encoder: bool = field(default=True, metadata={"help": "Keep the convolutional encoder fixed."})
 
     def __post_init__(self) -> None:
-        json.loads(self.random_init_config)
+        try:
+            json.loads(self.random_init_config)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`random_init_config` must be a JSON object; got {self.random_init_config!r}") from error
 
 
 @dataclass

@@ -35,7 +35,7 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"`task` must be one of {TASKS}; got {self.task!r}")
-        json.loads(self.random_init_config)
+        _check_json("random_init_config", self.random_init_config)
 
 
 @dataclass
@@ -57,6 +57,13 @@ class DataArguments:
             raise ValueError(f"`eval_fraction` must be in (0, 1); got {self.eval_fraction}")
         if self.max_length < 2:
             raise ValueError(f"`max_length` must be at least 2; got {self.max_length}")
+
+
+def _check_json(name: str, text: str) -> None:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"`{name}` must be a JSON object of config keys; got {text!r} ({error})") from None
 
 
 def resolve_model_path(name: str) -> str:

@@ -77,4 +77,3 @@ def test_callback_options_are_checked(log):
     for callback in (AdaptiveGradientClipping, AdaptiveGradientClippingCallback):
         with pytest.raises(TypeError, match=rf"`log` must be True or False; got {log!r}"):
             callback(AutoClip(), log=log)
-

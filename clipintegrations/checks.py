@@ -16,6 +16,13 @@ def check_choice(name: str, value: Any, allowed: Collection[str]) -> str:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False; got {value!r}")
+    return value
+
+
 def check_int(name: str, value: Any, *, minimum: int) -> int:
     """Return ``value`` if it is an integer of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

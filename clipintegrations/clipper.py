@@ -27,6 +27,17 @@ class ClipStats(NamedTuple):
     clipped: Tensor
     """Whether the gradients were scaled down (``norm > threshold``)."""
 
+    def summary(self) -> tuple[Tensor, Tensor, Tensor]:
+        """What the trainers log, as fp32 0-d tensors: the norm, the threshold and the fraction clipped.
+
+        For per-layer (or per-parameter) clipping: the model's norm, the tightest threshold and
+        the fraction of units clipped.
+        """
+        norm, threshold, clipped = self.norm.float(), self.threshold.float(), self.clipped.float()
+        if norm.dim() == 0:
+            return norm, threshold, clipped
+        return norm.square().sum().sqrt(), threshold.min(), clipped.mean()
+
 
 class Clipper:
     """Base class: subclasses say how a threshold follows from the norms (``_thresholds``).

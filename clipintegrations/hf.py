@@ -18,6 +18,7 @@ import torch
 
 from clipintegrations.arguments import ClippingArguments
 from clipintegrations.build import build_clipper
+from clipintegrations.checks import check_bool
 from clipintegrations.clipper import Clipper, ClipStats
 from clipintegrations.norms import fsdp1_shard_group
 from clipintegrations.runs import ClipHistory
@@ -74,10 +75,8 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
                 "`clipper` must be a clipintegrations clipper (AutoClip, PercentileClip, ZClip, FixedClip) or its "
                 f"config; got {type(clipper).__name__}"
             )
-        if not isinstance(log, bool):
-            raise TypeError(f"`log` must be True or False; got {log!r}")
         self.clipper = clipper
-        self.log = log
+        self.log = check_bool("log", log)
         self.history = history
         self.last_stats: ClipStats | None = None
         self.checkpoint: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
@@ -131,7 +130,7 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
         candidates = [
             args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
             saved.get("dir"),
-            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
+            _checkpoint_folder(args.output_dir, state.global_step),
         ]
         for folder in filter(None, candidates):
             path = os.path.join(folder, saved["file"])
@@ -155,7 +154,7 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
         _unscale_once(optimizer)
         stats = self.clipper.clip_(model, process_group=self._process_group)
         self.last_stats = stats
-        self._clipped = self._clipped + stats.clipped.float().mean()
+        self._clipped = self._clipped + stats.summary()[2]
         self._steps += 1
         if self.history is not None:
             self.history.record(stats)
@@ -169,12 +168,8 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
         if not self.log or logs is None or "loss" not in logs or self._steps == self._logged_steps:
             return
         self._logged_steps = self._steps
-        stats = self.last_stats
-        if stats.norm.dim() == 0:
-            norm, threshold = stats.norm, stats.threshold
-        else:  # per layer: the model's norm, and the tightest threshold
-            norm, threshold = stats.norm.square().sum().sqrt(), stats.threshold.min()
-        values = torch.stack([norm.float(), threshold.float(), torch.as_tensor(self._clipped).to(norm) / self._steps])
+        norm, threshold, _ = self.last_stats.summary()
+        values = torch.stack([norm, threshold, torch.as_tensor(self._clipped).to(norm) / self._steps])
         metrics = dict(zip(("clip/norm", "clip/threshold", "clip/clip_rate"), values.tolist()))
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -183,18 +178,23 @@ class AdaptiveGradientClippingCallback(TrainerCallback, ExportableState):
     # -- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """What ``trainer_state.json`` keeps: the config and a pointer to the state file, never the history."""
-        folder = os.path.join(self._output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self._global_step}")
+        folder = _checkpoint_folder(self._output_dir, self._global_step)
         checkpoint = {"file": STATE_FILE, "dir": os.path.abspath(folder), "steps": self._steps}
         return {"args": {"clipper": self.clipper.config(), "log": self.log}, "attributes": {"checkpoint": checkpoint}}
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if not args.should_save:
             return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = _checkpoint_folder(args.output_dir, state.global_step)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"no checkpoint folder {folder} to save the clipping state in")
         payload = {"steps": self._steps, "clipped": float(self._clipped), "clipper": self.clipper.state_dict()}
         torch.save(payload, os.path.join(folder, STATE_FILE))
+
+
+def _checkpoint_folder(output_dir: str, step: int) -> str:
+    """Where the Trainer saves the checkpoint of ``step`` (as ``Trainer._save_checkpoint`` names it)."""
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
 
 def _saved_checkpoint(saved: Any, clipper: Clipper) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from clipintegrations.build import build_clipper
+from clipintegrations.checks import check_bool
 from clipintegrations.clipper import Clipper, ClipStats
 from clipintegrations.norms import fsdp1_shard_group
 from clipintegrations.runs import ClipHistory
@@ -65,10 +66,8 @@ class AdaptiveGradientClipping(Callback):
                 f"`clipper` must be a clipintegrations clipper (AutoClip, PercentileClip, ZClip, FixedClip); "
                 f"got {type(clipper).__name__}: use build_clipper(config) to make one from a config"
             )
-        if not isinstance(log, bool):
-            raise TypeError(f"`log` must be True or False; got {log!r}")
         self.clipper = clipper
-        self.log = log
+        self.log = check_bool("log", log)
         self.history = history
         self.last_stats: ClipStats | None = None
         self._clippers: list[Clipper] = [clipper]
@@ -138,7 +137,7 @@ class AdaptiveGradientClipping(Callback):
         self.last_stats = stats
         if self._clipped.device != stats.clipped.device:
             self._clipped = self._clipped.to(stats.clipped.device)
-        self._clipped = self._clipped + stats.clipped.float().mean()
+        self._clipped = self._clipped + stats.summary()[2]
         self._steps += 1
         if self.history is not None:
             self.history.record(stats)
@@ -146,10 +145,7 @@ class AdaptiveGradientClipping(Callback):
             self._log(pl_module, stats, suffix="" if len(self._clippers) == 1 else f"_{index}")
 
     def _log(self, pl_module: pl.LightningModule, stats: ClipStats, suffix: str) -> None:
-        if stats.norm.dim() == 0:
-            norm, threshold = stats.norm, stats.threshold
-        else:  # per layer: the model's norm, and the tightest threshold
-            norm, threshold = stats.norm.square().sum().sqrt(), stats.threshold.min()
+        norm, threshold, _ = stats.summary()
         values = {"norm": norm, "threshold": threshold, "clip_rate": self._clipped / self._steps}
         for name, value in values.items():
             pl_module.log(f"clip/{name}{suffix}", value, on_step=True, on_epoch=False, batch_size=1)

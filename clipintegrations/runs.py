@@ -38,10 +38,7 @@ class ClipHistory:
         self._steps: list[torch.Tensor] = []
 
     def record(self, stats: ClipStats) -> None:
-        norm, threshold, clipped = stats.norm.float(), stats.threshold.float(), stats.clipped.float()
-        if norm.dim() > 0:
-            norm, threshold, clipped = norm.square().sum().sqrt(), threshold.min(), clipped.mean()
-        self._steps.append(torch.stack([norm, threshold, clipped]))
+        self._steps.append(torch.stack(stats.summary()))
 
     def __len__(self) -> int:
         return len(self._steps)
